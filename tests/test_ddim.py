@@ -30,7 +30,16 @@ def test_ddim_sample_recovers_a_point_mass_with_exact_eps():
         a, sig = s.alpha(t).view(-1, 1), s.sigma(t).view(-1, 1)
         return a * (x - a * c) / sig - sig * c  # v = alpha eps - sigma x0
 
-    out = ddim_sample(model, (16, 2), s, 10, "v_prediction", "trailing", generator=torch.Generator().manual_seed(0), progress=False)
+    out = ddim_sample(
+        model,
+        (16, 2),
+        s,
+        10,
+        "v_prediction",
+        "trailing",
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     torch.testing.assert_close(out, c.expand(16, 2), rtol=1e-4, atol=1e-4)
 
 
@@ -41,7 +50,9 @@ def test_ddim_is_deterministic_at_eta_zero_and_seeded_at_eta_one():
         return 0.1 * x
 
     def run(eta, seed):
-        return ddim_sample(model, (3, 2), s, 5, eta=eta, generator=torch.Generator().manual_seed(seed), progress=False)
+        return ddim_sample(
+            model, (3, 2), s, 5, eta=eta, generator=torch.Generator().manual_seed(seed), progress=False
+        )
 
     torch.testing.assert_close(run(0.0, 1), run(0.0, 1))
     torch.testing.assert_close(run(1.0, 1), run(1.0, 1))

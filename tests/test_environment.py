@@ -61,7 +61,9 @@ def test_environment_yml_names_the_same_packages_at_the_same_versions():
         f"only in pyproject.toml {set(direct) - set(env)}"
     )
     for name, version in env.items():
-        assert lock[name] == version, f"{name}: environment.yml pins {version}, requirements.lock {lock[name]}"
+        assert lock[name] == version, (
+            f"{name}: environment.yml pins {version}, requirements.lock {lock[name]}"
+        )
 
 
 def test_torch_is_pinned_exactly():

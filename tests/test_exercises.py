@@ -47,7 +47,9 @@ def test_each_known_mistake_is_caught_and_named():
         ("offset_noise", lambda like, s, g: torch.randn(like.shape, generator=g), ["strength"]),
         (
             "offset_noise",
-            lambda like, s, g: torch.randn(like.shape, generator=g) + s * torch.randn(like.shape[0], 1, 1, 1, generator=g),
+            lambda like, s, g: (
+                torch.randn(like.shape, generator=g) + s * torch.randn(like.shape[0], 1, 1, 1, generator=g)
+            ),
             ["(B, C, 1, 1)"],
         ),
         ("offset_noise", lambda like, s, g: like + torch.randn(like.shape, generator=g), ["like + noise"]),
@@ -58,7 +60,9 @@ def test_each_known_mistake_is_caught_and_named():
         ),
         (
             "min_snr_weight",
-            lambda snr, gamma, kind: snr.clamp(max=gamma) / snr if kind == "epsilon" else min_snr_weight(snr, gamma, kind),
+            lambda snr, gamma, kind: (
+                snr.clamp(max=gamma) / snr if kind == "epsilon" else min_snr_weight(snr, gamma, kind)
+            ),
             ["NaN", "zero terminal SNR"],
         ),
         ("q_sample", lambda x, n, ac, t: x, ["values differ"]),
@@ -100,7 +104,9 @@ def test_unknown_exercise_and_non_callable():
 
 
 def test_checker_does_not_reveal_reference_source():
-    ex = Exercise("demo", "none", "think", reference=lambda x: x * 2, cases=lambda: [Case("x", (torch.ones(2),))])
+    ex = Exercise(
+        "demo", "none", "think", reference=lambda x: x * 2, cases=lambda: [Case("x", (torch.ones(2),))]
+    )
     from ldm_lib.exercises import checker
 
     checker.EXERCISES["demo"] = ex
@@ -115,8 +121,12 @@ def test_checker_does_not_reveal_reference_source():
 def test_generator_replaces_solutions_with_stubs():
     nb = nbformat.v4.new_notebook(
         cells=[
-            nbformat.v4.new_markdown_cell("Intro\n<!-- BEGIN SOLUTION -->\nsecret\n<!-- END SOLUTION -->\nend"),
-            nbformat.v4.new_code_cell("def f(x):\n    # BEGIN SOLUTION\n    return 2 * x\n    # END SOLUTION\n\ncheck('f', f)"),
+            nbformat.v4.new_markdown_cell(
+                "Intro\n<!-- BEGIN SOLUTION -->\nsecret\n<!-- END SOLUTION -->\nend"
+            ),
+            nbformat.v4.new_code_cell(
+                "def f(x):\n    # BEGIN SOLUTION\n    return 2 * x\n    # END SOLUTION\n\ncheck('f', f)"
+            ),
         ]
     )
     out = make_exercises.exercise_from_solution(nb, "demo")
@@ -134,7 +144,9 @@ def test_committed_exercises_are_what_the_script_generates():
     exercises = sorted(p.name for p in (ROOT / "exercises").glob("*.ipynb"))
     assert solutions == exercises, "every solution has its exercise and vice versa"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_exercises.py"), "--check"], capture_output=True, text=True
+        [sys.executable, str(ROOT / "scripts" / "make_exercises.py"), "--check"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -145,7 +157,9 @@ def test_every_solution_marks_learner_code_and_checks_it():
         assert "# BEGIN SOLUTION" in text and "check(" in text, path.name
         assert "report(" in text, path.name
         notebook = path.stem
-        assert notebook in {ex.notebook for ex in EXERCISES.values()}, f"{path.name} has no registered exercise"
+        assert notebook in {ex.notebook for ex in EXERCISES.values()}, (
+            f"{path.name} has no registered exercise"
+        )
 
 
 def test_each_lecture_notebook_has_exercises():

@@ -12,7 +12,9 @@ scales = st.floats(0.05, 3.0)
 
 def _draw(shape, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(
+        shape, generator=g, dtype=torch.float64
+    )
 
 
 @settings(max_examples=60, deadline=None)

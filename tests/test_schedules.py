@@ -27,7 +27,9 @@ def test_linear_and_cosine():
     t = np.arange(1, 1001) / 1000
     abar = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2 / np.cos(0.008 / 1.008 * np.pi / 2) ** 2
     # Unclipped steps follow the closed form exactly; clipping at 0.999 only touches the last ones.
-    torch.testing.assert_close(cos.alphas_cumprod[:990].double(), torch.from_numpy(abar[:990]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        cos.alphas_cumprod[:990].double(), torch.from_numpy(abar[:990]), rtol=1e-5, atol=1e-7
+    )
     assert cos.betas.max().item() == pytest.approx(0.999)
 
 
