@@ -228,8 +228,10 @@ def inference_timesteps(
 
     - ``"linspace"``: :math:`\mathrm{round}(\mathrm{linspace}(0, T-1, S))`, first step T - 1.
     - ``"leading"`` (DDIM, Stable Diffusion with ``steps_offset=1``):
-      :math:`k \lfloor T/S \rfloor + \text{offset}` for :math:`k = 0..S-1`; it never reaches
-      T - 1, so sampling starts at a timestep the model saw with signal left in it.
+      :math:`k \lfloor T/S \rfloor + \text{offset}` for :math:`k = 0..S-1`; its first step is
+      :math:`(S-1)\lfloor T/S \rfloor + \text{offset}`, usually below T - 1 (it reaches
+      it only when the offset fills the gap, e.g. S = T). Sampling then starts from pure noise at a
+      timestep where training always left signal in x_t: the flaw Lin et al. point out.
     - ``"trailing"``: :math:`\mathrm{round}(T - k\,T/S) - 1`, first step T - 1; the spacing
       zero terminal SNR needs, because it starts from pure noise.
     """
