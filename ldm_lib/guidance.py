@@ -52,5 +52,7 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     dims = tuple(range(1, cond.ndim))
     std_cond = cond.std(dim=dims, keepdim=True)
     std_guided = guided.std(dim=dims, keepdim=True)
-    rescaled = guided * (std_cond / std_guided)
+    # A constant prediction (std 0) has nothing to rescale; leave it as it is instead of dividing by 0.
+    ratio = torch.where(std_guided > 0, std_cond / std_guided, torch.ones_like(std_guided))
+    rescaled = guided * ratio
     return phi * rescaled + (1 - phi) * guided

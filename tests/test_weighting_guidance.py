@@ -82,3 +82,10 @@ def test_guidance_bad_input():
         classifier_free_guidance(x, torch.zeros(2, 2), 1.0)
     with pytest.raises(ValueError, match="scale=nan"):
         classifier_free_guidance(x, x, float("nan"))
+
+
+def test_rescale_guidance_leaves_a_constant_prediction_alone():
+    guided, cond = torch.full((2, 3, 4, 4), 0.5), torch.randn(2, 3, 4, 4)
+    out = rescale_guidance(guided, cond, 0.7)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, guided)

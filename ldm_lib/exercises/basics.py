@@ -404,7 +404,7 @@ register(
         mistakes=[
             (
                 lambda u, c, w: c + w * (c - u),
-                "that starts from cond: with scale 1 you must get cond exactly",
+                "that starts from cond: scale 1 must give cond, scale 0 uncond",
             ),
             (lambda u, c, w: c + w * (u - c), "cond and uncond are swapped"),
         ],
