@@ -10,6 +10,10 @@ STAMP := $(VENV)/.installed
 # CPU torch first, pinned: a loose torch requirement would pull a multi-GB CUDA build.
 TORCH_PIN := $(shell grep -E '^torch==' requirements.lock)
 PYTEST_ARGS ?=
+# Test processes in parallel, one thread each (2 cores: two one-thread workers beat one two-thread
+# worker for the many small tensors of the tests and notebooks). loadfile keeps a notebook's cells
+# together in one kernel.
+JOBS ?= 2
 
 .PHONY: course test lint lock exercises clean
 
@@ -28,7 +32,8 @@ course: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider tests notebooks solutions exercises $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax -p no:cacheprovider \
+		tests notebooks solutions exercises $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -25,6 +25,11 @@ def _pyproject() -> dict[str, Requirement]:
     return {_name(r.name): r for r in map(Requirement, reqs)}
 
 
+def _no_deps() -> dict[str, Requirement]:
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ldm_lib"]
+    return {_name(r.name): r for r in map(Requirement, tool["no-deps"])}
+
+
 def _pins(lines) -> dict[str, str]:
     pins = {}
     for line in lines:
@@ -47,7 +52,7 @@ def _environment() -> dict[str, str]:
 
 def test_lock_pins_every_dependency_within_its_range():
     lock = _lock()
-    for name, req in _pyproject().items():
+    for name, req in {**_pyproject(), **_no_deps()}.items():
         assert name in lock, f"{name} is in pyproject.toml but not in requirements.lock (run make lock)"
         assert req.specifier.contains(Version(lock[name]), prereleases=True), (
             f"requirements.lock pins {name}=={lock[name]}, outside pyproject's range {req.specifier}"
@@ -64,6 +69,14 @@ def test_environment_yml_names_the_same_packages_at_the_same_versions():
         assert lock[name] == version, (
             f"{name}: environment.yml pins {version}, requirements.lock {lock[name]}"
         )
+
+
+def test_no_deps_packages_are_installed_without_their_requirements():
+    # The lock is the full closure, installed with --no-deps; conda users get the same by hand.
+    assert "--no-deps -r requirements.lock" in (ROOT / "Makefile").read_text()
+    for name in _no_deps():
+        assert f"--no-deps {name}=={_lock()[name]}" in (ROOT / "environment.yml").read_text()
+        assert f"--no-deps {name}=={_lock()[name]}" in (ROOT / "README.md").read_text()
 
 
 def test_torch_is_pinned_exactly():
