@@ -191,8 +191,8 @@ class NoiseSchedule:
         """
         if x0.shape != noise.shape:
             raise ValueError(f"x0 and noise must have the same shape, got {x0.shape} and {noise.shape}")
-        alpha = _broadcast(self.alpha(t), x0)
-        sigma = _broadcast(self.sigma(t), x0)
+        alpha = per_sample(self.alpha(t), x0)
+        sigma = per_sample(self.sigma(t), x0)
         return alpha * x0 + sigma * noise
 
     def __repr__(self) -> str:
@@ -203,7 +203,7 @@ class NoiseSchedule:
         )
 
 
-def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Shape per-sample values ``(B,)`` (or a scalar) as ``(B, 1, ..., 1)`` to multiply ``like``."""
     values = values.to(device=like.device, dtype=like.dtype)
     if values.ndim == 0:
