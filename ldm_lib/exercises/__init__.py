@@ -7,7 +7,8 @@ In a notebook::
     report("02_eps_vs_v")               # what is done in this notebook
 """
 
-from . import basics  # noqa: F401  (registers the exercises of notebooks 01-06)
+# Importing a module registers its exercises.
+from . import autoencoder, basics, text_conditioning, unet  # noqa: F401
 from .checker import EXERCISES, ExerciseFailure, check, report
 
 __all__ = ["EXERCISES", "ExerciseFailure", "check", "report"]
