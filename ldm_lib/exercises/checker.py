@@ -31,6 +31,8 @@ class Case:
 
 @dataclass
 class Exercise:
+    """One exercise: what to compare the learner's function with, on which inputs, and how to help."""
+
     name: str
     notebook: str
     hint: str
@@ -53,6 +55,7 @@ _status: dict[str, str] = {}
 
 
 def register(exercise: Exercise) -> Exercise:
+    """Add an exercise to the registry ``check`` looks names up in (each name once)."""
     if exercise.name in EXERCISES:
         raise ValueError(f"exercise {exercise.name!r} is registered twice")
     EXERCISES[exercise.name] = exercise
