@@ -11,7 +11,9 @@ import torch
 from ._checks import check_number
 
 
-def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def seeded_randn(
+    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """Standard normal noise of ``shape`` on ``like``'s device and dtype.
 
     Drawn in float32 on the generator's device (a CPU generator cannot feed a CUDA tensor),
@@ -39,11 +41,11 @@ def offset_noise(
     check_number("strength", strength, low=0.0)
     if like.ndim < 2:
         raise ValueError(f"like must have a batch and a channel axis, got shape {tuple(like.shape)}")
-    noise = _randn(tuple(like.shape), like, generator)
+    noise = seeded_randn(tuple(like.shape), like, generator)
     if strength == 0:
         return noise
     offset_shape = (like.shape[0], like.shape[1]) + (1,) * (like.ndim - 2)
-    return noise + strength * _randn(offset_shape, like, generator)
+    return noise + strength * seeded_randn(offset_shape, like, generator)
 
 
 def perturb_noise(
@@ -62,4 +64,4 @@ def perturb_noise(
     check_number("strength", strength, low=0.0)
     if strength == 0:
         return noise
-    return noise + strength * _randn(tuple(noise.shape), noise, generator)
+    return noise + strength * seeded_randn(tuple(noise.shape), noise, generator)

@@ -92,15 +92,7 @@ _VAE: dict[str, dict[str, Any]] = {
         norm_num_groups=32,
         scaling_factor=0.18215,
     ),
-    # SDXL: the same architecture and size, retrained; its latents need a different scale.
-    "sdxl": dict(
-        base_channels=128,
-        channel_mult=(1, 2, 4, 4),
-        num_res_blocks=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=0.13025,
-    ),
+    # "sdxl" (below): the same architecture and size, retrained; its latents need a different scale.
     # Course: f = 4 (32x32x3 shapes -> 8x8x4 latents, 64x64 -> 16x16x4), levels of 32, 64, 64
     # channels, 954,567 parameters. scaling_factor 1.0 is a placeholder: a trained course VAE stores
     # 1/std of its own latents (vae.latent_scaling_factor) in its config.
@@ -113,6 +105,7 @@ _VAE: dict[str, dict[str, Any]] = {
         scaling_factor=1.0,
     ),
 }
+_VAE["sdxl"] = {**_VAE["sd"], "scaling_factor": 0.13025}
 
 
 def vae_config(name: str, **overrides: Any) -> VAEConfig:

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_number
+from ..noise import seeded_randn
 from ..parameterization import eps_from_prediction, x0_from_prediction
 from ..schedules import NoiseSchedule, inference_timesteps
 
@@ -49,9 +50,7 @@ def ddim_step(
     eta_t = eta * (s_s / s_t) * (1 - a_t**2 / a_s**2).clamp(min=0).sqrt() if eta else torch.zeros_like(s_s)
     x_prev = a_s * x0 + (s_s**2 - eta_t**2).clamp(min=0).sqrt() * eps
     if eta:
-        device = generator.device if generator is not None else x_t.device
-        z = torch.randn(x_t.shape, generator=generator, device=device).to(x_t)
-        x_prev = x_prev + eta_t * z
+        x_prev = x_prev + eta_t * seeded_randn(tuple(x_t.shape), x_t, generator)
     return x_prev, x0
 
 
