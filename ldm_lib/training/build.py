@@ -100,6 +100,8 @@ def build_sampling_model(path: Path, *, use_ema: bool = True, device: str | torc
     # "model." holds the trained module's state (unet.*, text_encoder.* when trained), "ema." the
     # average of its parameters; buffers come from "model.".
     state = prefixed(tensors, "model")
+    if not use_ema and metadata.get("weights") == "ema-only":
+        raise ValueError(f"{path} holds only the EMA weights; the raw ones are in the run's checkpoints")
     if use_ema and any(k.startswith("ema.") for k in tensors):
         state.update(prefixed(tensors, "ema"))
     unet = build_unet(config, init_weights=False)
