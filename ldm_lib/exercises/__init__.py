@@ -8,7 +8,7 @@ In a notebook::
 """
 
 # Importing a module registers its exercises.
-from . import autoencoder, basics, text_conditioning, unet  # noqa: F401
+from . import autoencoder, basics, text_conditioning, training, unet  # noqa: F401
 from .checker import EXERCISES, ExerciseFailure, check, report
 
 __all__ = ["EXERCISES", "ExerciseFailure", "check", "report"]
