@@ -2,8 +2,8 @@ r"""A trained text-to-image latent diffusion model, and generation with DDIM + c
 
 :class:`LatentDiffusion` bundles what sampling needs: the UNet, the VAE that decodes its latents,
 the tokenizer and text encoder, the noise schedule and the prediction type. :meth:`LatentDiffusion.load`
-reads a model file written by the trainer (``model.safetensors``: the EMA UNet and the run's config)
-or a training checkpoint. The denoising loop of :meth:`LatentDiffusion.generate` is written out:
+reads a model file written by the trainer (``model.safetensors``: the UNet's weights, their EMA and
+the run's config), a training checkpoint, or an EMA-only export (``ldm_lib.training.export``). The denoising loop of :meth:`LatentDiffusion.generate` is written out:
 both CFG passes run as one batch (Ho & Salimans 2022, arXiv 2207.12598), then guidance rescale
 (Lin et al. 2023, arXiv 2305.08891), then one DDIM step (Song et al. 2021, arXiv 2010.02502).
 """
@@ -128,7 +128,9 @@ class LatentDiffusion:
                 x, _ = ddim_step(self.schedule, self.prediction_type, guided, t, t_prev, x)
         if return_latents:
             return x
-        return self.vae.decode_latents(x.to(next(self.vae.parameters()).dtype)).float().clamp(-1, 1)
+        with torch.autocast(self.device.type, enabled=False):  # the VAE runs in its own dtype
+            images = self.vae.decode_latents(x.to(next(self.vae.parameters()).dtype))
+        return images.float().clamp(-1, 1)
 
 
 __all__ = ["LatentDiffusion", "resolve_path"]

@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; the others count up")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale w (default 4)")
-    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
+    parser.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=None,
+        help="guidance rescale phi in [0, 1]; default 0.7 for zero-terminal-SNR models, else 0",
+    )
     parser.add_argument("--spacing", default="trailing", help="timestep spacing: leading, trailing, linspace")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 like DDPM")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
@@ -57,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model = LatentDiffusion.load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
+        rescale = args.guidance_rescale
+        if rescale is None:  # Lin et al. 2023 pair zero terminal SNR with rescale 0.7
+            rescale = 0.7 if (model.config or {}).get("diffusion", {}).get("zero_terminal_snr") else 0.0
         prompts = [p for p in args.prompt for _ in range(args.num_images)]
         seeds = [args.seed + i for i in range(len(prompts))]
         with torch.no_grad():
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds=seeds,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale,
-                guidance_rescale=args.guidance_rescale,
+                guidance_rescale=rescale,
                 spacing=args.spacing,
                 eta=args.eta,
                 progress=True,

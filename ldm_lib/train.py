@@ -13,12 +13,13 @@ using the section names of the file (values are read as YAML):
   python -m ldm_lib.train configs/shapes_vae.yaml
   python -m ldm_lib.train configs/shapes_ldm_eps.yaml optim.max_steps=200 output_dir=runs/try
   python -m ldm_lib.train configs/shapes_ldm_eps.yaml diffusion.prediction_type=v_prediction
-  torchrun --nproc_per_node 4 -m ldm_lib.train configs/sd_256.yaml   # one process per GPU
+  torchrun --nproc_per_node 4 -m ldm_lib.train configs/gpu_sd_256.yaml   # one process per GPU
 
 The run writes to output_dir: config.yaml, metrics.jsonl (one line per logging.log_every steps),
 checkpoints/step_NNNNNNN.safetensors (every logging.checkpoint_every steps, written atomically),
-samples/step_NNNNNNN.png (validation grids), and at the end model.safetensors (stage ldm: the EMA
-weights, for python -m ldm_lib.sample) or vae/ (stage vae: the autoencoder with its latent scale).
+samples/step_NNNNNNN.png (validation grids), and at the end model.safetensors (stage ldm: the
+weights and their EMA, for python -m ldm_lib.sample) or vae/ (stage vae: the autoencoder with its
+latent scale factor).
 Running the same command again resumes from the newest checkpoint and continues exactly.
 Every value is checked before anything starts; --print-config shows the full config with defaults.
 """

@@ -51,7 +51,8 @@ def main() -> None:
         print(f"{name}: {time.perf_counter() - start:.0f} s")
         for row in results[name]["rows"]:
             print("  " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-    results = {name: results[name] for name in MODELS if name in results}
+    order = [*MODELS, *sorted(set(results) - set(MODELS))]  # the course's models first, then any other
+    results = {name: results[name] for name in order if name in results}
     (folder / "evaluation.json").write_text(json.dumps(results, indent=1))
 
     lines = [

@@ -23,7 +23,8 @@ train() {  # train one LDM config, then copy its model next to the others
 }
 mkdir -p runs
 for pair in "shapes_ldm_eps shapes_ldm_v" "shapes_ldm_eps_offset shapes_ldm_eps_minsnr" "shapes_ldm_v_ztsnr"; do
-  for name in $pair; do train "$name" & done
-  wait
+  pids=()
+  for name in $pair; do train "$name" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run stops the script (set -e)
 done
 $PY scripts/evaluate_course_models.py

@@ -301,3 +301,29 @@ def test_shipped_variants_change_one_thing() -> None:
         }
         assert diff == changes, name
         assert variant["output_dir"] == f"runs/{name}"
+
+
+def test_combinations_that_run_but_warn(tmp_path) -> None:
+    import warnings as _warnings
+
+    base = {"stage": "ldm", "output_dir": str(tmp_path)}
+    ztsnr = {"prediction_type": "v_prediction", "zero_terminal_snr": True, "min_snr_gamma": 5.0}
+    with pytest.warns(UserWarning, match="min_snr_gamma with zero_terminal_snr"):
+        config_from_dict({**base, "diffusion": ztsnr}, check_paths=False)
+    with pytest.warns(UserWarning, match="caption_dropout=0"):
+        config_from_dict({**base, "diffusion": {"caption_dropout": 0.0}}, check_paths=False)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        config_from_dict(
+            {**base, "diffusion": {"caption_dropout": 0.0}, "logging": {"validation_guidance_scale": 1.0}},
+            check_paths=False,
+        )
+
+
+def test_fp16_with_a_gan_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="discriminator has no grad scaler"):
+        config_from_dict(
+            {"stage": "vae", "output_dir": str(tmp_path), "device": "cuda", "mixed_precision": "fp16",
+             "vae_loss": {"adversarial_weight": 0.5}},
+            check_paths=False,
+        )  # fmt: skip

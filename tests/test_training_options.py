@@ -367,3 +367,34 @@ def test_cached_latents_train_like_pixels(arts, tmp_path: Path) -> None:
     train(ldm_config(arts, tmp_path / "cached", *common, "data.cache_latents=true", "optim.max_steps=4"))
     assert cache.stat().st_mtime_ns == stamp
     assert read_checkpoint(tmp_path / "cached" / "model.safetensors")[1]["step"] == "4"
+
+
+def test_vae_encodes_in_its_own_dtype_under_bf16(arts, tmp_path: Path) -> None:
+    """model.vae_dtype holds under autocast: the frozen VAE encodes pixels in fp32, not bf16."""
+    trainer = make_trainer(ldm_config(arts, tmp_path, "mixed_precision=bf16"))
+    dtypes = []
+    hook = trainer.vae.quant_conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    batch, draw, rows = first_batch(trainer)
+    with trainer.autocast():
+        trainer.latents(batch, draw[rows].posterior_eps)
+    hook.remove()
+    assert dtypes == [torch.float32]
+
+
+def test_uncached_text_embeddings_equal_cached(arts, tmp_path: Path) -> None:
+    cached = make_trainer(ldm_config(arts, tmp_path / "a"))
+    direct = make_trainer(ldm_config(arts, tmp_path / "b", "model.cache_text_embeddings=false"))
+    captions = ["a small blue square on a black background", "", "a small blue square on a black background"]
+    torch.testing.assert_close(direct.context(captions), cached.context(captions))
+    assert not direct._context_cache and len(cached._context_cache) == 2
+
+
+def test_checkpoint_files_get_a_normal_mode(arts, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    train(ldm_config(arts, tmp_path, "optim.max_steps=1"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp_path / "model.safetensors", *(tmp_path / "checkpoints").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

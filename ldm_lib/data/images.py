@@ -18,10 +18,10 @@ str, "index": int}``, made by :class:`ImageTransform`:
 **Randomness is a pure function of (seed, epoch, index).** Item ``index`` in epoch ``epoch`` draws
 its crop offset and flip from :func:`item_generator`, a ``torch.Generator`` seeded from those
 three numbers, never from the global RNG. A run is reproducible, a resumed run sees the same
-augmentations, and results do not depend on DataLoader worker count or order. The trainer calls
-:meth:`ImageDataset.set_epoch` before each epoch (DataLoader workers copy the dataset when an
-epoch's iterator starts, so use ``persistent_workers=False``, the default, or the workers keep
-the epoch they started with).
+augmentations, and results do not depend on DataLoader worker count or order. The trainer's
+sampler yields ``(index, epoch)`` keys and calls :meth:`ImageDataset.set_epoch` before fetching
+each item (``ldm_lib.training.sampler.EpochItems``), so an epoch boundary inside a batch and
+DataLoader workers are both handled.
 
 **Unreadable images are found by an upfront scan.** :func:`build_dataset` decodes every image it
 will use once (``Image.load()``, which catches truncated files that ``Image.verify()`` lets

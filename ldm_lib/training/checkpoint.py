@@ -1,10 +1,10 @@
 """Training checkpoints: one safetensors file holding everything a run needs to continue exactly.
 
-Tensors: ``model.*`` (the trained network), ``ema.*``, ``text_encoder.*`` (when trained),
+Tensors: ``model.*`` (the trained module: ``unet.*``, and ``text_encoder.*`` when it is trained), ``ema.*``,
 ``discriminator.*`` (VAE stage with a GAN), ``optimizer.<name>.<param index>.<state>`` (AdamW's
 moments and step counts, per optimizer), ``rng.*`` (the CPU, CUDA and the run's generator states).
 Metadata (strings): the config as YAML, the step, the EMA update count, the optimizers' param groups
-and the grad scaler's state as JSON. The learning rate is a function of the step (see
+as JSON and the grad scaler's state as YAML. The learning rate is a function of the step (see
 ``lr_schedule.py``), so the step is the scheduler's whole state.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over
@@ -60,7 +60,16 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
         save_file(tensors, tmp, metadata={"format": "pt", **metadata})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+            fd = os.open(path.parent, os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -13,6 +13,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -50,11 +51,12 @@ class ModelConfig:
     text_encoder: str = "models/course_text_encoder"  # a CLIPTextModel folder, or a size: tiny|small|sd1|sd2
     tokenizer: str | None = None  # a CLIPTokenizer folder; None = CLIP's BPE built offline
     text_encoder_layer: str = "last"  # "last" (SD1) or "penultimate" (SD2)
-    train_text_encoder: bool = False  # False: frozen, its embeddings cached per caption
+    train_text_encoder: bool = False  # False: frozen
+    cache_text_embeddings: bool = True  # frozen encoder: encode each distinct caption once (few captions)
     vae_dtype: str = "float32"  # the frozen VAE's dtype when encoding pixels: float32 | bfloat16 | float16
     attention_backend: str = "auto"  # math | sdpa | xformers | auto
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    compile: bool = False  # torch.compile the UNet
+    compile: bool = False  # torch.compile the trained module (UNet, + text encoder when trained)
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager to debug)
 
 
@@ -458,6 +460,32 @@ def validate(c: TrainConfig, check_paths: bool = True) -> None:
             raise ConfigError("data.cache_latents=true is for stage 'ldm'; stage 'vae' trains on pixels")
     if c.mixed_precision == "fp16" and c.device == "cpu":
         raise ConfigError("mixed_precision='fp16' needs a CUDA device; on a CPU use 'bf16' or 'no'")
+    if c.stage == "vae" and c.mixed_precision == "fp16" and c.vae_loss.adversarial_weight > 0:
+        raise ConfigError(
+            "mixed_precision='fp16' with vae_loss.adversarial_weight > 0: the discriminator has no grad "
+            "scaler; use mixed_precision 'bf16' or 'no'"
+        )
+    if c.stage == "ldm":
+        _warn_combinations(c)
+
+
+def _warn_combinations(c: TrainConfig) -> None:
+    """Combinations that run but are probably not what was meant."""
+    d, g = c.diffusion, c.logging
+    if d.zero_terminal_snr and d.min_snr_gamma is not None and d.prediction_type == "v_prediction":
+        warnings.warn(
+            "diffusion.min_snr_gamma with zero_terminal_snr and v_prediction: the v weight "
+            "min(SNR, gamma)/(SNR + 1) goes to 0 as SNR -> 0, so the noisiest timesteps, where sampling "
+            "starts, are hardly trained. Set min_snr_gamma: null",
+            stacklevel=3,
+        )
+    if d.caption_dropout == 0 and g.validation_guidance_scale != 1:
+        warnings.warn(
+            f"diffusion.caption_dropout=0 never trains the unconditional prediction, yet "
+            f"logging.validation_guidance_scale={g.validation_guidance_scale} uses it (classifier-free "
+            "guidance needs caption dropout, e.g. 0.1)",
+            stacklevel=3,
+        )
 
 
 def _validate_ldm_models(c: TrainConfig, check_paths: bool) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -47,7 +48,11 @@ def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 alone encodes the latent cache and draws validation samples while the others
+        # wait: allow more than the default 10 minutes for that.
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2)
+        )
     return DistInfo(rank, local_rank, world_size), device
 
 

@@ -144,22 +144,29 @@ class LDMTrainer(Trainer):
             mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
         else:
             pixels = batch["pixel_values"].to(self.device, next(self.vae.parameters()).dtype)
-            posterior = self.vae.encode(pixels)
+            # In model.vae_dtype, not the autocast dtype: the SD VAE overflows in fp16.
+            with torch.autocast(self.device.type, enabled=False):
+                posterior = self.vae.encode(pixels)
             mean, std = posterior.mean.float(), posterior.std.float()
         z = mean + std * eps if self.config.diffusion.sample_posterior else mean
         return (z - vae_cfg.shift_factor) * vae_cfg.scaling_factor
 
     @torch.no_grad()
     def context(self, captions: list[str]) -> torch.Tensor:
-        """Frozen encoder: each distinct caption is encoded once and kept (the shapes set has a few
-        hundred); the cache is cleared when it grows past 4096 entries."""
+        """The frozen encoder's embeddings of ``captions``. With ``model.cache_text_embeddings`` each
+        distinct caption is encoded once and kept (the shapes set has 96 captions and ""); the cache
+        is cleared when it grows past 4096 entries. Without (large caption sets), every batch is encoded."""
+        layer = self.config.model.text_encoder_layer
+        if not self.config.model.cache_text_embeddings:
+            ids = tokenize(self.tokenizer, captions)["input_ids"].to(self.device)
+            return encode_text(self.text_encoder, ids, layer=layer).float()
         missing = sorted({cap for cap in captions if cap not in self._context_cache})
         if missing:
             if len(self._context_cache) > 4096:
                 self._context_cache.clear()
                 missing = sorted(set(captions))
             ids = tokenize(self.tokenizer, missing)["input_ids"].to(self.device)
-            encoded = encode_text(self.text_encoder, ids, layer=self.config.model.text_encoder_layer).float()
+            encoded = encode_text(self.text_encoder, ids, layer=layer).float()
             self._context_cache.update(zip(missing, encoded, strict=True))
         return torch.stack([self._context_cache[cap] for cap in captions])
 
@@ -168,11 +175,18 @@ class LDMTrainer(Trainer):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         d = draw[rows]
-        d = NoiseDraw(*(getattr(d, f).to(self.device) for f in NoiseDraw.__dataclass_fields__))
+        # Timesteps and dropout stay on the CPU, where the draw was made: schedule lookups and
+        # the caption choice then need no device sync; the noise goes to the device.
+        drops = d.drop_caption.tolist()
+        d = NoiseDraw(
+            d.timesteps,
+            d.noise.to(self.device, non_blocking=True),
+            d.noisy_input_noise.to(self.device, non_blocking=True),
+            d.drop_caption,
+            d.posterior_eps.to(self.device, non_blocking=True),
+        )
         x0 = self.latents(batch, d.posterior_eps)
-        captions = [
-            "" if drop else cap for cap, drop in zip(batch["caption"], d.drop_caption.tolist(), strict=True)
-        ]
+        captions = ["" if drop else cap for cap, drop in zip(batch["caption"], drops, strict=True)]
         if c.model.train_text_encoder:
             ids = tokenize(self.tokenizer, captions)["input_ids"].to(self.device)
 

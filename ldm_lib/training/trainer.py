@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Trainer:
-    """Base class: ``build()`` sets ``self.model`` (what is saved as ``model.*`` and averaged by EMA),
-    ``self.train_module`` (what the loss calls; wrapped by DDP), ``self.dataset`` and
-    ``self.param_groups``; ``micro_loss()`` returns one micro-batch's mean loss."""
+    """Base class: ``build()`` sets ``self.model`` (the network the stage is about: UNet or VAE),
+    ``self.train_module`` (what the loss calls, wrapped by DDP, saved as ``model.*`` and averaged by
+    EMA), ``self.dataset`` and ``self.param_groups``; ``micro_loss()`` returns one micro-batch's mean
+    loss."""
 
     stage = ""
 
@@ -206,6 +208,17 @@ class Trainer:
             raise ValueError(
                 f"cannot resume from {path}: the config changed ({details}). Use another output_dir, "
                 "or resume=false to start over"
+            )
+        before, after, schedule = (
+            old.get("optim.max_steps"),
+            new.get("optim.max_steps"),
+            new.get("optim.lr_schedule"),
+        )
+        if before != after and schedule != "constant":
+            warnings.warn(
+                f"optim.max_steps changed from {before} to {after} on resume: the {schedule} learning-rate "
+                "schedule is stretched, so the rate jumps",
+                stacklevel=2,
             )
         self.train_module.load_state_dict(prefixed(tensors, "model"))
         if self.ema is not None:

@@ -81,7 +81,11 @@ class VAETrainer(Trainer):
         return loss, {k: logs[k] for k in ("rec_loss", "kl_loss", "perceptual_loss", "g_loss")}
 
     def after_step(self) -> dict[str, float]:
-        """One discriminator step on the last micro-batch, once the GAN is on (Esser et al. 2021)."""
+        """One discriminator step on the last micro-batch, once the GAN is on (Esser et al. 2021).
+
+        With the GAN on, accumulation and DDP are no longer exactly the big batch: the adaptive
+        weight is computed per micro-batch and process, and the discriminator sees the last
+        micro-batch of each process (its gradients are averaged over processes)."""
         if (
             self.d_optimizer is None
             or self._last_pair is None
