@@ -1,11 +1,12 @@
 r"""A trained text-to-image latent diffusion model, and generation with DDIM + classifier-free guidance.
 
 :class:`LatentDiffusion` bundles what sampling needs: the UNet, the VAE that decodes its latents,
-the tokenizer and text encoder, the noise schedule and the prediction type. :meth:`LatentDiffusion.load`
-reads a model file written by the trainer (``model.safetensors``: the UNet's weights, their EMA and
-the run's config), a training checkpoint, or an EMA-only export (``ldm_lib.training.export``). The denoising loop of :meth:`LatentDiffusion.generate` is written out:
-both CFG passes run as one batch (Ho & Salimans 2022, arXiv 2207.12598), then guidance rescale
-(Lin et al. 2023, arXiv 2305.08891), then one DDIM step (Song et al. 2021, arXiv 2010.02502).
+the tokenizer and text encoder, the noise schedule and the prediction type.
+:meth:`LatentDiffusion.load` reads a model file written by the trainer (``model.safetensors``: the
+UNet's weights, their EMA and the run's config), a training checkpoint, or an EMA-only export
+(``ldm_lib.training.export``). The denoising loop of :meth:`LatentDiffusion.generate` is written
+out: both CFG passes run as one batch (Ho & Salimans 2022, arXiv 2207.12598), then guidance
+rescale (Lin et al. 2023, arXiv 2305.08891), then one DDIM step (Song et al. 2021, arXiv 2010.02502).
 """
 
 from __future__ import annotations
