@@ -24,6 +24,21 @@ def seeded_randn(
     return noise.to(device=like.device, dtype=like.dtype)
 
 
+def initial_noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""A sampler's start, :math:`x_T \sim \mathcal N(0, I)`: ``x_T`` itself when given, else drawn on
+    the generator's device (a CPU generator gives the same noise for any target device) and moved
+    to ``device``."""
+    if x_T is not None:
+        return x_T
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
 def offset_noise(
     like: torch.Tensor, strength: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -175,15 +175,18 @@ def scaled_latents(
     *,
     generator: torch.Generator | None = None,
     sample: bool = True,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Diffusion-space latents from a cached posterior: :math:`z' = s\,(z - m)` with
     :math:`z = \mu + \sigma\odot\varepsilon` (``sample=True``) or :math:`z = \mu`.
 
     Draws :math:`\varepsilon` exactly as ``DiagonalGaussian.sample`` does, so with the same
-    generator state the result equals ``vae.encode_latents(x, generator)``.
+    generator state the result equals ``vae.encode_latents(x, generator)``. ``eps`` given (the
+    trainer draws it with the rest of a step's noise) is used instead of a fresh draw.
     """
     if sample:
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + std * eps
     else:
         z = mean

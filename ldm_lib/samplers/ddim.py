@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_number
-from ..noise import seeded_randn
+from ..noise import initial_noise, seeded_randn
 from ..parameterization import eps_from_prediction, x0_from_prediction
 from ..schedules import NoiseSchedule, inference_timesteps
 
@@ -74,10 +74,7 @@ def ddim_sample(
     ``t`` a ``(B,)`` long tensor. Guidance, if any, lives inside ``model``.
     """
     timesteps = inference_timesteps(num_inference_steps, schedule.num_train_timesteps, spacing)
-    if x_T is None:
-        gen_device = generator.device if generator is not None else device
-        x_T = torch.randn(shape, generator=generator, device=gen_device).to(device)
-    x = x_T
+    x = initial_noise(shape, generator, device, x_T)
     steps = timesteps.tolist()
     for i, t in enumerate(tqdm(steps, desc="DDIM", disable=not progress, leave=False)):
         t_prev = steps[i + 1] if i + 1 < len(steps) else -1

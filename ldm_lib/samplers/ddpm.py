@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice
-from ..noise import seeded_randn
+from ..noise import initial_noise, seeded_randn
 from ..parameterization import PREDICTION_TYPES, x0_from_prediction
 from ..schedules import NoiseSchedule, inference_timesteps
 from .euler import ModelFn
@@ -82,10 +82,7 @@ def ddpm_sample(
             f"prediction_type='epsilon' cannot be sampled from t={steps[0]}, where alphas_cumprod = 0 "
             "(zero terminal SNR); allowed: 'v_prediction' or 'sample'"
         )
-    if x_T is None:
-        gen_device = generator.device if generator is not None else device
-        x_T = torch.randn(shape, generator=generator, device=gen_device).to(device)
-    x = x_T
+    x = initial_noise(shape, generator, device, x_T)
     for i, t in enumerate(tqdm(steps, desc="DDPM", disable=not progress, leave=False)):
         t_prev = steps[i + 1] if i + 1 < len(steps) else -1
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)

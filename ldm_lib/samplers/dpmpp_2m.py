@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_number
+from ..noise import initial_noise
 from ..parameterization import PREDICTION_TYPES, x0_from_prediction
 from ..schedules import NoiseSchedule, inference_timesteps
 from .euler import ModelFn, karras_sigmas
@@ -102,9 +103,7 @@ def dpmpp_2m_sample(
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     timesteps = dpmpp_2m_timesteps(num_inference_steps, schedule.num_train_timesteps, spacing, steps_offset)
     sigmas = karras_sigmas(schedule, timesteps).tolist()
-    if x_T is None:
-        gen_device = generator.device if generator is not None else device
-        x_T = torch.randn(shape, generator=generator, device=gen_device).to(device)
+    x_T = initial_noise(shape, generator, device, x_T)
     x, x0_prev, sigma_prev = x_T, None, None
     for i, t in enumerate(tqdm(timesteps.tolist(), desc="DPM++ 2M", disable=not progress, leave=False)):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)

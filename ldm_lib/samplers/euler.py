@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_number
+from ..noise import initial_noise
 from ..parameterization import PREDICTION_TYPES
 from ..schedules import NoiseSchedule, inference_timesteps
 
@@ -112,9 +113,7 @@ def initial_x(
     diffusers' ``init_noise_sigma`` is :math:`\sigma_{max}` for trailing/linspace, an approximation of
     the same factor; we keep the exact one so that the network's first input is exactly ``x_T``.
     """
-    if x_T is None:
-        gen_device = generator.device if generator is not None else device
-        x_T = torch.randn(shape, generator=generator, device=gen_device).to(device)
+    x_T = initial_noise(shape, generator, device, x_T)
     return x_T * (sigma_max**2 + 1) ** 0.5
 
 

@@ -522,7 +522,10 @@ def _validate_ldm_models(c: TrainConfig, check_paths: bool) -> None:
 
 
 def _exists(path: str, inside: str = "") -> bool:
-    """Whether ``path`` (as given, or relative to the repository root) exists, with ``inside`` in it."""
-    from ..pipeline import REPO_ROOT
+    """Whether ``path / inside`` exists where :func:`ldm_lib.pipeline.resolve_path` looks for it."""
+    from ..pipeline import resolve_path
 
-    return any((base / path / inside).exists() for base in (Path("."), REPO_ROOT))
+    try:
+        return resolve_path(Path(path) / inside).exists()  # an absolute path is returned as given
+    except FileNotFoundError:
+        return False

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.latents import scaled_latents
 from ..models.text import encode_text, tokenize
 from ..pipeline import LatentDiffusion
 from ..viz import image_grid
@@ -148,8 +149,8 @@ class LDMTrainer(Trainer):
             with torch.autocast(self.device.type, enabled=False):
                 posterior = self.vae.encode(pixels)
             mean, std = posterior.mean.float(), posterior.std.float()
-        z = mean + std * eps if self.config.diffusion.sample_posterior else mean
-        return (z - vae_cfg.shift_factor) * vae_cfg.scaling_factor
+        sample = self.config.diffusion.sample_posterior
+        return scaled_latents(mean, std, vae_cfg.scaling_factor, vae_cfg.shift_factor, sample=sample, eps=eps)
 
     @torch.no_grad()
     def context(self, captions: list[str]) -> torch.Tensor:
