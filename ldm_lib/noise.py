@@ -6,27 +6,44 @@ Both change only how the noise is drawn; the forward process
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ._checks import check_number
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the whole tensor, one per batch row (so that a row does not depend on its
+batch: the pipeline gives every image its own seed), or None for torch's global generator."""
 
-def seeded_randn(
-    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
+
+def _randn(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> torch.Tensor:
+    """float32 standard normal noise drawn on the generator's device (a CPU generator cannot feed a
+    CUDA tensor); with a sequence of generators, row ``i`` comes from ``generator[i]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    generators = list(generator)
+    if len(generators) != shape[0]:
+        raise ValueError(
+            f"{len(generators)} generators for a batch of {shape[0]}; give one generator per row, "
+            "one torch.Generator, or None"
+        )
+    return torch.stack([_randn(tuple(shape[1:]), g, g.device) for g in generators])
+
+
+def seeded_randn(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal noise of ``shape`` on ``like``'s device and dtype.
 
     Drawn in float32 on the generator's device (a CPU generator cannot feed a CUDA tensor),
     then moved: the same seed gives the same noise whatever the target device or dtype.
     """
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    return noise.to(device=like.device, dtype=like.dtype)
+    return _randn(shape, generator, like.device).to(device=like.device, dtype=like.dtype)
 
 
 def initial_noise(
     shape: tuple[int, ...],
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -35,8 +52,7 @@ def initial_noise(
     to ``device``."""
     if x_T is not None:
         return x_T
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+    return _randn(shape, generator, device).to(device)
 
 
 def offset_noise(

@@ -16,9 +16,20 @@ of its own seed, so an image does not change with the batch it is in.
   python -m ldm_lib.sample runs/try/model.safetensors -p "a small blue square on a black background" \\
       -p "a large yellow triangle on a gray background" --num-images 4 --guidance-scale 5 --out grid.png
 
-Sampling is DDIM (deterministic with --eta 0) with classifier-free guidance: --guidance-scale 1 is
-the conditional model alone, larger values follow the prompt more closely (and saturate colours).
+  python -m ldm_lib.sample models/shapes_ldm_v_ztsnr.safetensors \\
+      -p "a small green circle on a black background" --sampler dpmpp_2m --steps 15 \\
+      --guidance-scale 5 --guidance-rescale 0.7 --seed 7
+
+Samplers (ldm_lib.samplers): ddim (deterministic unless --eta > 0), ddpm, euler, euler_ancestral,
+heun (two network calls per step), dpmpp_2m. Classifier-free guidance: --guidance-scale 1 is the
+conditional model alone, larger values follow the prompt more closely (and saturate colours).
+Each caption in the grid names its prompt and seed.
 """
+
+
+# The names of ldm_lib.samplers.SAMPLERS, listed here so that --help needs no torch import
+# (tests/test_cli.py checks they agree).
+SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-n", "--num-images", type=int, default=2, help="images per prompt (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; the others count up")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument(
+        "--sampler", default="ddim", choices=SAMPLER_NAMES, help="the sampler (default ddim)", metavar="NAME"
+    )
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale w (default 4)")
     parser.add_argument(
         "--guidance-rescale",
@@ -42,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         help="guidance rescale phi in [0, 1]; default 0.7 for zero-terminal-SNR models, else 0",
     )
     parser.add_argument("--spacing", default="trailing", help="timestep spacing: leading, trailing, linspace")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 like DDPM")
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="fresh noise per step, for ddim (default 0: deterministic; 1 is like DDPM) and "
+        "euler_ancestral (default 1)",
+    )
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("-o", "--out", default="samples.png", help="the PNG grid to write")
@@ -74,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale,
                 guidance_rescale=rescale,
+                sampler=args.sampler,
                 spacing=args.spacing,
                 eta=args.eta,
                 progress=True,

@@ -69,7 +69,14 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
         ),
         (
             "ldm_lib.sample",
-            ["usage: python -m ldm_lib.sample", "--prompt", "--guidance-scale", "--seed", "--out"],
+            [
+                "usage: python -m ldm_lib.sample",
+                "--prompt",
+                "--sampler",
+                "--guidance-scale",
+                "--seed",
+                "--out",
+            ],
         ),
     ],
 )
@@ -154,6 +161,12 @@ def test_train_then_sample(trained: Path, tmp_path: Path, capsys) -> None:
         "3",
         "--seed",
         "10",
+        "--sampler",
+        "dpmpp_2m",
+        "--guidance-scale",
+        "3",
+        "--guidance-rescale",
+        "0.5",
         "-o",
         str(out),
     ]
@@ -167,13 +180,24 @@ def test_train_then_sample(trained: Path, tmp_path: Path, capsys) -> None:
     # each tile is the model's image for its prompt and seed (row = prompt, column = seed)
     model = LatentDiffusion.load(trained)
     images = model.generate(
-        [PROMPT, PROMPT, PROMPT_2, PROMPT_2], seeds=[10, 11, 12, 13], num_inference_steps=3
+        [PROMPT, PROMPT, PROMPT_2, PROMPT_2],
+        seeds=[10, 11, 12, 13],
+        num_inference_steps=3,
+        sampler="dpmpp_2m",
+        guidance_scale=3.0,
+        guidance_rescale=0.5,
     )
     row_height = grid.height // 2
     for i, image in enumerate(images):
         expected = (to_image(image) * 255).round().astype(np.uint8).repeat(4, axis=0).repeat(4, axis=1)
         x, y = (i % 2) * tile, (i // 2) * row_height
         np.testing.assert_array_equal(np.asarray(grid)[y : y + tile, x : x + tile], expected)
+
+
+def test_sample_cli_names_every_sampler() -> None:
+    from ldm_lib.samplers import SAMPLERS
+
+    assert sample_cli.SAMPLER_NAMES == tuple(SAMPLERS)
 
 
 def test_sample_errors(trained: Path, tmp_path: Path, capsys) -> None:
@@ -183,13 +207,22 @@ def test_sample_errors(trained: Path, tmp_path: Path, capsys) -> None:
         sample_cli.main([str(trained), "-p", PROMPT, "--steps", "0"])
     assert info.value.code == 2
     assert "--steps=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_cli.main([str(trained), "-p", PROMPT, "--sampler", "plms"])
+    assert "invalid choice: 'plms'" in capsys.readouterr().err
+    assert sample_cli.main([str(trained), "-p", PROMPT, "--sampler", "heun", "--eta", "1"]) == 2
+    assert "eta applies only to" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_generate_is_fixed_by_seed_not_batch(trained: Path, eta: float) -> None:
+@pytest.mark.parametrize(
+    ("sampler", "eta"),
+    [("ddim", 0.0), ("ddim", 1.0), ("ddpm", None), ("euler", None), ("euler_ancestral", None),
+     ("heun", None), ("dpmpp_2m", None)],
+)  # fmt: skip
+def test_generate_is_fixed_by_seed_not_batch(trained: Path, sampler: str, eta: float | None) -> None:
     model = LatentDiffusion.load(trained)
     assert model.config["optim"]["max_steps"] == 3 and model.prediction_type == "epsilon"
-    kwargs = {"num_inference_steps": 3, "eta": eta, "guidance_scale": 3.0}
+    kwargs = {"num_inference_steps": 3, "sampler": sampler, "eta": eta, "guidance_scale": 3.0}
     batch = model.generate([PROMPT, PROMPT_2, PROMPT], seeds=[1, 2, 3], **kwargs)
     again = model.generate([PROMPT, PROMPT_2, PROMPT], seeds=[1, 2, 3], **kwargs)
     assert batch.shape == (3, 3, 16, 16) and batch.min() >= -1 and batch.max() <= 1
@@ -200,6 +233,44 @@ def test_generate_is_fixed_by_seed_not_batch(trained: Path, eta: float) -> None:
     torch.testing.assert_close(reordered[0], batch[2], rtol=0, atol=1e-5)
     torch.testing.assert_close(reordered[1], batch[0], rtol=0, atol=1e-5)
     assert (batch[0] - batch[2]).abs().max() > 1e-3  # another seed, another image
+
+
+def test_guided_model_is_cfg_of_two_separate_passes(trained: Path) -> None:
+    """One batch of 2B gives what the unconditional and conditional passes give one by one."""
+    from ldm_lib.guidance import classifier_free_guidance, rescale_guidance
+
+    model = LatentDiffusion.load(trained)
+    x_t = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900, 900])
+    cond = model.encode_prompts([PROMPT, PROMPT_2])
+    uncond = model.encode_prompts(["", ""])
+    with torch.no_grad():
+        out_c, out_u = model.unet(x_t, t, cond), model.unet(x_t, t, uncond)
+        guided = classifier_free_guidance(out_u, out_c, 5.0)
+        torch.testing.assert_close(model.guided_model([PROMPT, PROMPT_2], 5.0)(x_t, t), guided)
+        rescaled = model.guided_model([PROMPT, PROMPT_2], 5.0, 0.7)(x_t, t)
+        torch.testing.assert_close(rescaled, rescale_guidance(guided, out_c, 0.7))
+        torch.testing.assert_close(model.guided_model([PROMPT, PROMPT_2], 1.0)(x_t, t), out_c)
+
+
+def test_generate_reports_steps_and_refuses_bad_options(trained: Path) -> None:
+    model = LatentDiffusion.load(trained)
+    seen = []
+    latents = model.generate(
+        [PROMPT], sampler="heun", num_inference_steps=3, callback=lambda i, t, x0: seen.append((i, t)),
+        return_latents=True,
+    )  # fmt: skip
+    assert latents.shape == (1, 4, 4, 4) and [i for i, _ in seen] == [0, 1, 2]
+    for bad, message in [
+        ({"sampler": "plms"}, "sampler"),
+        ({"sampler": "euler", "eta": 0.5}, "eta applies only to"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"spacing": "random"}, "spacing"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.generate([PROMPT], **bad)
 
 
 def test_load_uses_ema_weights(trained: Path) -> None:

@@ -11,17 +11,14 @@ deterministic (the probability-flow ODE, discretised); ``eta = 1`` is DDPM's anc
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_number
-from ..noise import initial_noise, seeded_randn
+from ..noise import Generators, initial_noise, seeded_randn
 from ..parameterization import eps_from_prediction, x0_from_prediction
 from ..schedules import NoiseSchedule, inference_timesteps
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from ._types import ModelFn, StepCallback
 
 
 def ddim_step(
@@ -32,7 +29,7 @@ def ddim_step(
     t_prev: int,
     x_t: torch.Tensor,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One DDIM update :math:`x_t \to x_{t_{prev}}`; returns ``(x_prev, x0_pred)``.
 
@@ -63,10 +60,11 @@ def ddim_sample(
     prediction_type: str = "epsilon",
     spacing: str = "trailing",
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
     progress: bool = True,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     r"""Sample by DDIM from :math:`x_T \sim \mathcal N(0, I)`.
 
@@ -79,5 +77,7 @@ def ddim_sample(
     for i, t in enumerate(tqdm(steps, desc="DDIM", disable=not progress, leave=False)):
         t_prev = steps[i + 1] if i + 1 < len(steps) else -1
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x, _ = ddim_step(schedule, prediction_type, model(x, t_batch), t, t_prev, x, eta, generator)
+        x, x0 = ddim_step(schedule, prediction_type, model(x, t_batch), t, t_prev, x, eta, generator)
+        if callback is not None:
+            callback(i, t, x0)
     return x

@@ -20,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice
-from ..noise import initial_noise, seeded_randn
+from ..noise import Generators, initial_noise, seeded_randn
 from ..parameterization import PREDICTION_TYPES, x0_from_prediction
 from ..schedules import NoiseSchedule, inference_timesteps
-from .euler import ModelFn
+from ._types import ModelFn, StepCallback
 
 
 def ddpm_step(
@@ -33,7 +33,7 @@ def ddpm_step(
     t: int,
     t_prev: int,
     x_t: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One ancestral step :math:`x_t \to x_{t_{prev}}`; returns ``(x_prev, x0_pred)``.
 
@@ -64,10 +64,11 @@ def ddpm_sample(
     num_inference_steps: int = 1000,
     prediction_type: str = "epsilon",
     spacing: str = "leading",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
     progress: bool = True,
+    callback: StepCallback | None = None,
     steps_offset: int = 0,
 ) -> torch.Tensor:
     r"""Sample by DDPM from :math:`x_T \sim \mathcal N(0, I)`; ``model(x_t, t)`` as for DDIM.
@@ -86,5 +87,7 @@ def ddpm_sample(
     for i, t in enumerate(tqdm(steps, desc="DDPM", disable=not progress, leave=False)):
         t_prev = steps[i + 1] if i + 1 < len(steps) else -1
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x, _ = ddpm_step(schedule, prediction_type, model(x, t_batch), t, t_prev, x, generator)
+        x, x0 = ddpm_step(schedule, prediction_type, model(x, t_batch), t, t_prev, x, generator)
+        if callback is not None:
+            callback(i, t, x0)
     return x

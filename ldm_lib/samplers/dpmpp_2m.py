@@ -25,10 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_number
-from ..noise import initial_noise
+from ..noise import Generators, initial_noise
 from ..parameterization import PREDICTION_TYPES, x0_from_prediction
 from ..schedules import NoiseSchedule, inference_timesteps
-from .euler import ModelFn, karras_sigmas
+from ._types import ModelFn, StepCallback
+from .euler import karras_sigmas
 
 
 def dpmpp_2m_timesteps(
@@ -93,10 +94,11 @@ def dpmpp_2m_sample(
     num_inference_steps: int = 20,
     prediction_type: str = "epsilon",
     spacing: str = "leading",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
     progress: bool = True,
+    callback: StepCallback | None = None,
     steps_offset: int = 0,
 ) -> torch.Tensor:
     r"""Sample with DPM-Solver++(2M) from :math:`x_T \sim \mathcal N(0, I)`; ``model(x_t, t)`` as DDIM."""
@@ -111,4 +113,6 @@ def dpmpp_2m_sample(
             prediction_type, model(x, t_batch), x, sigmas[i], sigmas[i + 1], x0_prev, sigma_prev
         )
         x0_prev, sigma_prev = x0, sigmas[i]
+        if callback is not None:
+            callback(i, t, x0)
     return x

@@ -22,17 +22,14 @@ and :math:`x = x_0` at :math:`\sigma = 0`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_number
-from ..noise import initial_noise
+from ..noise import Generators, initial_noise
 from ..parameterization import PREDICTION_TYPES
 from ..schedules import NoiseSchedule, inference_timesteps
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from ._types import ModelFn, StepCallback
 
 # Smallest alphas_cumprod allowed: keeps sigma_T finite at zero terminal SNR (diffusers' choice).
 MIN_ALPHAS_CUMPROD = 2.0**-24
@@ -104,7 +101,7 @@ def euler_step(
 def initial_x(
     shape: tuple[int, ...],
     sigma_max: float,
-    generator: torch.Generator | None,
+    generator: Generators,
     device: torch.device | str,
     x_T: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -125,10 +122,11 @@ def euler_sample(
     num_inference_steps: int = 50,
     prediction_type: str = "epsilon",
     spacing: str = "leading",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
     progress: bool = True,
+    callback: StepCallback | None = None,
     steps_offset: int = 0,
 ) -> torch.Tensor:
     r"""Sample with Euler steps from :math:`x_T \sim \mathcal N(0, I)` (VP); one network call per step.
@@ -143,5 +141,7 @@ def euler_sample(
     for i, t in enumerate(tqdm(timesteps.tolist(), desc="Euler", disable=not progress, leave=False)):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         model_output = model(model_input(x, sigmas[i]), t_batch)
-        x, _ = euler_step(prediction_type, model_output, x, sigmas[i], sigmas[i + 1])
+        x, x0 = euler_step(prediction_type, model_output, x, sigmas[i], sigmas[i + 1])
+        if callback is not None:
+            callback(i, t, x0)
     return x

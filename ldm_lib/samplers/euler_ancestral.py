@@ -19,10 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_number
-from ..noise import seeded_randn
+from ..noise import Generators, seeded_randn
 from ..parameterization import PREDICTION_TYPES
 from ..schedules import NoiseSchedule, inference_timesteps
-from .euler import ModelFn, as_sigma, denoise, initial_x, karras_sigmas, model_input
+from ._types import ModelFn, StepCallback
+from .euler import as_sigma, denoise, initial_x, karras_sigmas, model_input
 
 
 def ancestral_sigmas(
@@ -41,7 +42,7 @@ def euler_ancestral_step(
     sigma: float | torch.Tensor,
     sigma_next: float | torch.Tensor,
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One Euler-ancestral step in :math:`x`-space; returns ``(x_next, denoised)``.
 
@@ -69,10 +70,11 @@ def euler_ancestral_sample(
     prediction_type: str = "epsilon",
     spacing: str = "leading",
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
     progress: bool = True,
+    callback: StepCallback | None = None,
     steps_offset: int = 0,
 ) -> torch.Tensor:
     r"""Sample with Euler-ancestral steps from :math:`x_T \sim \mathcal N(0, I)` (VP).
@@ -88,7 +90,9 @@ def euler_ancestral_sample(
     for i, t in enumerate(tqdm(timesteps.tolist(), desc="Euler a", disable=not progress, leave=False)):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         model_output = model(model_input(x, sigmas[i]), t_batch)
-        x, _ = euler_ancestral_step(
+        x, x0 = euler_ancestral_step(
             prediction_type, model_output, x, sigmas[i], sigmas[i + 1], eta, generator
         )
+        if callback is not None:
+            callback(i, t, x0)
     return x

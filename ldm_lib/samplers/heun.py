@@ -20,9 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice
+from ..noise import Generators
 from ..parameterization import PREDICTION_TYPES
 from ..schedules import NoiseSchedule, inference_timesteps
-from .euler import ModelFn, as_sigma, denoise, initial_x, karras_sigmas, model_input
+from ._types import ModelFn, StepCallback
+from .euler import as_sigma, denoise, initial_x, karras_sigmas, model_input
 
 
 def heun_step(
@@ -65,10 +67,11 @@ def heun_sample(
     num_inference_steps: int = 50,
     prediction_type: str = "epsilon",
     spacing: str = "leading",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
     progress: bool = True,
+    callback: StepCallback | None = None,
     steps_offset: int = 0,
 ) -> torch.Tensor:
     r"""Sample with Heun steps from :math:`x_T \sim \mathcal N(0, I)` (VP); ``model`` as for Euler."""
@@ -79,5 +82,7 @@ def heun_sample(
     x = initial_x(shape, float(sigmas[0]), generator, device, x_T)
     for i, t in enumerate(tqdm(steps, desc="Heun", disable=not progress, leave=False)):
         t_next = steps[i + 1] if i + 1 < len(steps) else 0  # unused on the last step (sigma_next = 0)
-        x, _ = heun_step(model, prediction_type, x, t, t_next, sigmas[i], sigmas[i + 1])
+        x, x0 = heun_step(model, prediction_type, x, t, t_next, sigmas[i], sigmas[i + 1])
+        if callback is not None:
+            callback(i, t, x0)
     return x
