@@ -327,3 +327,61 @@ def test_fp16_with_a_gan_is_refused(tmp_path) -> None:
              "vae_loss": {"adversarial_weight": 0.5}},
             check_paths=False,
         )  # fmt: skip
+
+
+# ----------------------------------------------------------------------- fused GroupNorm + SiLU
+
+
+def checked(tmp_path: Path, *overrides: str) -> TrainConfig:
+    """A config validated with the checks that look at the files and the machine."""
+    (tmp_path / "vae").mkdir(exist_ok=True)
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    base = {"model": {"vae": str(tmp_path / "vae"), "text_encoder": "tiny"}}
+    return config_from_dict(apply_overrides(base, list(overrides)))
+
+
+def test_fused_groupnorm_silu_is_checked_against_the_device(tmp_path: Path, monkeypatch) -> None:
+    import ldm_lib.kernels.groupnorm_silu as gns
+
+    on = "model.fused_groupnorm_silu=true"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(gns, "_triton_installed", lambda: True)  # whether or not this machine has it
+    with pytest.raises(ConfigError) as info:
+        checked(tmp_path, "device=cpu", on)
+    message = str(info.value)
+    assert "model.fused_groupnorm_silu=true cannot run with device='cpu'" in message
+    assert "TRITON_INTERPRET=1" in message and "GPU" in message
+    for stage in ("ldm", "vae"):
+        with pytest.raises(ConfigError, match="model.fused_groupnorm_silu=true"):
+            checked(tmp_path, f"stage={stage}", "device=cpu", on)
+    # With the interpreter (as if triton were first imported under it; this test process may have
+    # imported it before), a CPU run is accepted; so is CUDA wherever triton is installed.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gns, "_compiled_for_gpu", lambda: False)
+    assert checked(tmp_path, "device=cpu", on).model.fused_groupnorm_silu
+    assert checked(tmp_path, "device=cuda:1", on).model.fused_groupnorm_silu
+    monkeypatch.setattr(gns, "_triton_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"device='cuda'.*triton is not installed"):
+        checked(tmp_path, "device=cuda", on)
+    # A config read back from a model file is not checked against this machine; off is never checked.
+    assert build("device=cpu", on).model.fused_groupnorm_silu
+    assert not checked(tmp_path, "device=cpu").model.fused_groupnorm_silu
+    message = error_of("model.unet_overrides={fused_groupnorm_silu: true}")
+    assert "set model.fused_groupnorm_silu instead" in message
+
+
+def test_the_switch_reaches_the_networks_without_changing_their_weights() -> None:
+    from ldm_lib.kernels.groupnorm_silu import GroupNormSiLU
+    from ldm_lib.training.build import build_unet, build_vae
+
+    def norms(model):
+        return [m.fused for m in model.modules() if isinstance(m, GroupNormSiLU)]
+
+    unet_off, unet_on = build_unet(build()), build_unet(build("model.fused_groupnorm_silu=true"))
+    assert unet_on.config.fused_groupnorm_silu and all(norms(unet_on)) and not any(norms(unet_off))
+    assert list(unet_on.state_dict()) == list(unet_off.state_dict())
+    vae_off = build_vae(build("stage=vae"))
+    vae_on = build_vae(build("stage=vae", "model.fused_groupnorm_silu=true"))
+    assert all(norms(vae_on)) and not any(norms(vae_off)) and norms(vae_on)
+    assert list(vae_on.state_dict()) == list(vae_off.state_dict())
+    assert load_config(None, ["model.fused_groupnorm_silu=false"]).model.fused_groupnorm_silu is False

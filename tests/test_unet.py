@@ -145,6 +145,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
         (dict(attention_backend="flash"), "attention_backend='flash'"),
         (dict(dropout=1.0), "dropout"),
         (dict(num_res_blocks=0), "num_res_blocks"),
+        (dict(fused_groupnorm_silu=1), "fused_groupnorm_silu=1 must be True or False"),
     ],
 )
 def test_bad_configs_raise_value_error(change, match):
@@ -198,3 +199,27 @@ def test_from_diffusers_rejects_other_layouts():
     sdxl_like = {**to_diffusers_config(unet_config("sd15")), "addition_embed_type": "text_time"}
     with pytest.raises(ValueError, match="addition_embed_type='text_time' is not supported"):
         from_diffusers_config(sdxl_like)
+
+
+def test_fused_groupnorm_silu_switch_keeps_the_weights_and_says_where_it_cannot_run(monkeypatch):
+    from ldm_lib.kernels.groupnorm_silu import GroupNormSiLU
+
+    torch.manual_seed(0)
+    plain = UNet(SD1_TINY).eval()
+    fused = UNet(dataclasses.replace(SD1_TINY, fused_groupnorm_silu=True)).eval()
+    assert list(fused.state_dict()) == list(plain.state_dict())  # same names: checkpoints load either way
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    norms = [m for m in fused.modules() if isinstance(m, GroupNormSiLU)]
+    n_resnets = sum(isinstance(m, unet_mod.ResnetBlock2D) for m in fused.modules())
+    assert len(norms) == 2 * n_resnets + 1 and all(m.fused for m in norms)  # + conv_norm_out
+    transformers = [m for m in fused.modules() if isinstance(m, unet_mod.Transformer2DModel)]
+    assert transformers and all(type(m.norm) is torch.nn.GroupNorm for m in transformers)  # no SiLU there
+    x, t, c = inputs()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU without the interpreter
+    with pytest.raises(ValueError, match=r"fused GroupNorm\+SiLU kernel cannot run on cpu"):
+        fused(x, t, c)
+    fused.set_fused_groupnorm_silu(False)
+    assert not fused.config.fused_groupnorm_silu and not any(m.fused for m in norms)
+    with torch.no_grad():
+        assert torch.equal(fused(x, t, c), plain(x, t, c))
+    assert unet_config("course_tiny", fused_groupnorm_silu=True).fused_groupnorm_silu

@@ -248,3 +248,34 @@ def test_config_accepts_a_list_for_channel_mult_and_backend_can_be_switched():
         torch.testing.assert_close(vae.encode(x).mean, expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="attention_backend"):
         vae.set_attention_backend("nope")
+
+
+def test_fused_groupnorm_silu_is_a_runtime_switch_that_keeps_weights_and_identity(monkeypatch):
+    from ldm_lib.data.latents import vae_identity
+    from ldm_lib.kernels.groupnorm_silu import GroupNormSiLU
+    from ldm_lib.models.vae import ResnetBlock, SpatialSelfAttention
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(tiny_config()).eval()
+    randomize_(vae)
+    keys, identity = list(vae.state_dict()), vae_identity(vae)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = vae.decode(vae.encode(x).mode())
+    vae.set_fused_groupnorm_silu(True)
+    assert vae.fused_groupnorm_silu and list(vae.state_dict()) == keys
+    assert vae_identity(vae) == identity  # how the norm is computed is not part of what the VAE is
+    norms = [m for m in vae.modules() if isinstance(m, GroupNormSiLU)]
+    n_resnets = sum(isinstance(m, ResnetBlock) for m in vae.modules())
+    assert len(norms) == 2 * n_resnets + 2 and all(m.fused for m in norms)  # + both conv_norm_out
+    attention = [m for m in vae.modules() if isinstance(m, SpatialSelfAttention)]
+    assert attention and all(type(m.group_norm) is torch.nn.GroupNorm for m in attention)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU without the interpreter
+    with pytest.raises(ValueError, match=r"fused GroupNorm\+SiLU kernel cannot run on cpu"):
+        vae.encode(x)
+    vae.set_fused_groupnorm_silu(False)
+    assert not vae.fused_groupnorm_silu
+    with torch.no_grad():
+        assert torch.equal(vae.decode(vae.encode(x).mode()), expected)
+    with pytest.raises(ValueError, match="must be True or False"):
+        vae.set_fused_groupnorm_silu("on")

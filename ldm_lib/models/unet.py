@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_choice, check_number
+from ..kernels.groupnorm_silu import GroupNormSiLU, set_fused
 from .attention import Attention, backend_names
 
 
@@ -63,6 +64,8 @@ class UNetConfig:
     zero_init: bool = True  # start every residual branch and conv_out at zero, as the original LDM code
     gradient_checkpointing: bool = False  # recompute ResNet/transformer activations in backward (training)
     attention_backend: str = "auto"  # "auto" or a name from models.attention.backend_names()
+    fused_groupnorm_silu: bool = False  # SiLU(GroupNorm(x)) by one Triton kernel (kernels.groupnorm_silu):
+    #                                     CUDA, or CPU with TRITON_INTERPRET=1; same weights either way
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -94,6 +97,8 @@ class UNetConfig:
         check_number("attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True)
         check_number("freq_shift", self.freq_shift)
         check_choice("attention_backend", self.attention_backend, ("auto", *backend_names()))
+        if not isinstance(self.fused_groupnorm_silu, bool):
+            raise ValueError(f"fused_groupnorm_silu={self.fused_groupnorm_silu!r} must be True or False")
         if not self.channel_mult:
             raise ValueError("channel_mult=() is empty; give a positive integer per level, e.g. (1, 2, 4, 4)")
         for m in self.channel_mult:
@@ -203,24 +208,26 @@ class ResnetBlock2D(Checkpointable):
               y = \mathrm{skip}(x) + W_2 * \mathrm{Dropout}(\mathrm{SiLU}(\mathrm{GN}(h)))
 
     ``skip`` is a 1x1 conv (``conv_shortcut``) when the channel count changes, else the identity.
+    ``norm1``/``norm2`` are :class:`~ldm_lib.kernels.groupnorm_silu.GroupNormSiLU`: GroupNorm's
+    parameters, with the SiLU after it included (one fused kernel when switched on).
     """
 
     def __init__(
         self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float, dropout: float
     ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.norm1 = GroupNormSiLU(groups, in_ch, eps=eps)  # SiLU(GN(x))
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.norm2 = GroupNormSiLU(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def block(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))  # norm1 is SiLU(GN(.))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # one shift per channel
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -437,12 +444,13 @@ class UNet(nn.Module):
             attention = level in config.attention_levels
             self.up_blocks.append(UpBlock(in_chs, out_ch, config, attention, upsample=level > 0))
 
-        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, chs[0], eps=config.norm_eps)
+        self.conv_norm_out = GroupNormSiLU(config.norm_num_groups, chs[0], eps=config.norm_eps)  # SiLU(GN)
         self.conv_out = nn.Conv2d(chs[0], config.out_channels, 3, padding=1)
 
         if config.zero_init:
             self._zero_residual_branches()
         self.set_gradient_checkpointing(config.gradient_checkpointing)
+        self.set_fused_groupnorm_silu(config.fused_groupnorm_silu)
 
     def _zero_residual_branches(self) -> None:
         # As the original LDM code: each block starts as the identity and the output as zero, so the
@@ -471,6 +479,14 @@ class UNet(nn.Module):
             if isinstance(module, Attention):
                 module.backend = backend
 
+    def set_fused_groupnorm_silu(self, enabled: bool = True) -> None:
+        """Compute every SiLU(GroupNorm(x)) (ResNet blocks, output) with the fused Triton kernel of
+        :mod:`ldm_lib.kernels.groupnorm_silu`, or with torch's ops; the weights are the same. With the
+        kernel on, a forward on tensors it cannot run on (CPU without TRITON_INTERPRET=1, no triton)
+        raises ``ValueError`` saying why."""
+        self.config = dataclasses.replace(self.config, fused_groupnorm_silu=enabled)  # validates
+        set_fused(self, enabled)
+
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor
     ) -> torch.Tensor:
@@ -496,7 +512,7 @@ class UNet(nn.Module):
         h = self.mid_block(h, temb, context)
         for block in self.up_blocks:
             h = block(h, temb, context, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h))  # conv_norm_out is SiLU(GN(.))
 
 
 # ----------------------------------------------------------------------------- diffusers configs

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_number
+from ..kernels.groupnorm_silu import GroupNormSiLU, set_fused
 from .attention import Attention, backend_names
 
 # The log-variance is clamped to this range before exponentiating (as in LDM): exp(20/2) = 2.2e4 is
@@ -183,19 +184,21 @@ class ResnetBlock(nn.Module):
                \mathrm{GN}_1(x),\quad y = \mathrm{shortcut}(x) + h,
 
     with a 1x1 convolution as shortcut when the channel count changes (the identity otherwise).
+    ``norm1``/``norm2`` are :class:`~ldm_lib.kernels.groupnorm_silu.GroupNormSiLU`: GroupNorm's
+    parameters, with the SiLU after it included (one fused kernel when switched on).
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNormSiLU(groups, in_channels, eps=eps)  # SiLU(GN(x))
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNormSiLU(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x))  # the norms are SiLU(GN(.))
+        h = self.conv2(self.norm2(h))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 
@@ -319,7 +322,7 @@ class Encoder(nn.Module):
             c_in = c_out
         self.down_blocks = nn.ModuleList(levels)
         self.mid_block = MidBlock(ch[-1], config)
-        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=eps)
+        self.conv_norm_out = GroupNormSiLU(groups, ch[-1], eps=eps)  # SiLU(GN(.))
         self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,7 +330,7 @@ class Encoder(nn.Module):
         for level in self.down_blocks:
             h = level(h)
         h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h))
 
 
 class Decoder(nn.Module):
@@ -346,14 +349,14 @@ class Decoder(nn.Module):
             levels.append(UpBlock(channels, groups, eps, upsample=not last))
             c_in = c_out
         self.up_blocks = nn.ModuleList(levels)
-        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=eps)
+        self.conv_norm_out = GroupNormSiLU(groups, ch[-1], eps=eps)  # SiLU(GN(.))
         self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid_block(self.conv_in(z))
         for level in self.up_blocks:
             h = level(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h))
 
 
 class AutoencoderKL(nn.Module):
@@ -387,6 +390,19 @@ class AutoencoderKL(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
+
+    def set_fused_groupnorm_silu(self, enabled: bool = True) -> None:
+        """Compute every SiLU(GroupNorm(x)) (ResNet blocks, output norms) with the fused Triton kernel
+        of :mod:`ldm_lib.kernels.groupnorm_silu`, or with torch's ops; the weights are the same. A
+        runtime switch, not a :class:`VAEConfig` field: the config is part of the VAE's identity
+        (``data.latents.vae_identity``), and how the norm is computed is not. With the kernel on, a
+        forward on tensors it cannot run on raises ``ValueError`` saying why."""
+        set_fused(self, enabled)
+
+    @property
+    def fused_groupnorm_silu(self) -> bool:
+        """Whether the fused kernel is on (see :meth:`set_fused_groupnorm_silu`)."""
+        return any(m.fused for m in self.modules() if isinstance(m, GroupNormSiLU))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         r"""The posterior :math:`q(z\mid x)` of images ``x`` ``(B, in, H, W)`` in ``[-1, 1]``;

@@ -28,7 +28,8 @@ def build_schedule(config: TrainConfig) -> NoiseSchedule:
 
 def build_unet(config: TrainConfig, init_weights: bool = True) -> UNet:
     """The UNet of ``model.unet`` (+ overrides); with ``model.unet_init``, loaded from those weights,
-    whose architecture must be the preset's (a difference is an error listing the fields)."""
+    whose architecture must be the preset's (a difference is an error listing the fields). The runtime
+    switches ``model.attention_backend`` and ``model.fused_groupnorm_silu`` are applied."""
     import dataclasses
 
     from ..interop.diffusers_format import load_unet
@@ -36,13 +37,14 @@ def build_unet(config: TrainConfig, init_weights: bool = True) -> UNet:
     from ..pipeline import resolve_path
 
     m = config.model
-    cfg = unet_config(m.unet, attention_backend=m.attention_backend, **m.unet_overrides)
+    runtime = dict(attention_backend=m.attention_backend, fused_groupnorm_silu=m.fused_groupnorm_silu)
+    cfg = unet_config(m.unet, **runtime, **m.unet_overrides)
     if m.unet_init is None or not init_weights:
         return UNet(cfg)
     path = resolve_path(m.unet_init)
     if not path.is_dir():
         return load_unet_single_file(path, cfg)
-    unet = load_unet(path, subfolder="unet", attention_backend=m.attention_backend)
+    unet = load_unet(path, subfolder="unet", **runtime)
     fields = [f.name for f in dataclasses.fields(cfg) if f.name != "gradient_checkpointing"]
     diff = [
         f"{n}: {getattr(unet.config, n)!r} (file) vs {getattr(cfg, n)!r} (config)"
@@ -55,17 +57,23 @@ def build_unet(config: TrainConfig, init_weights: bool = True) -> UNet:
 
 
 def build_vae(config: TrainConfig) -> AutoencoderKL:
-    """A fresh autoencoder for stage 1."""
-    return AutoencoderKL(vae_config(config.vae.preset, **config.vae.overrides))
+    """A fresh autoencoder for stage 1 (``model.fused_groupnorm_silu`` applied)."""
+    vae = AutoencoderKL(vae_config(config.vae.preset, **config.vae.overrides))
+    vae.set_fused_groupnorm_silu(config.model.fused_groupnorm_silu)
+    return vae
 
 
-def load_frozen_vae(path: str | Path, attention_backend: str = "auto") -> AutoencoderKL:
-    """A trained VAE folder (the trainer's ``vae/`` or a Stable Diffusion checkpoint's), frozen, eval."""
+def load_frozen_vae(
+    path: str | Path, attention_backend: str = "auto", fused_groupnorm_silu: bool = False
+) -> AutoencoderKL:
+    """A trained VAE folder (the trainer's ``vae/`` or a Stable Diffusion checkpoint's), frozen, eval;
+    ``fused_groupnorm_silu`` switches its SiLU(GroupNorm) to the Triton kernel."""
     from ..pipeline import resolve_path
 
     path = resolve_path(path)
     vae = load_vae(path, subfolder="vae" if (path / "vae" / "config.json").is_file() else None)
     vae.set_attention_backend(attention_backend)
+    vae.set_fused_groupnorm_silu(fused_groupnorm_silu)
     return vae.requires_grad_(False).eval()
 
 
@@ -105,6 +113,9 @@ def build_sampling_model(path: Path, *, use_ema: bool = True, device: str | torc
     if use_ema and any(k.startswith("ema.") for k in tensors):
         state.update(prefixed(tensors, "ema"))
     unet = build_unet(config, init_weights=False)
+    # The kernel switch was a training choice for the training device; sampling may run anywhere, so
+    # torch's ops here (same weights; unet.set_fused_groupnorm_silu(True) on a GPU to use the kernel).
+    unet.set_fused_groupnorm_silu(False)
     unet.load_state_dict(prefixed(state, "unet"))
     tokenizer, text_encoder = load_text_models(config, path.parent)
     for prefix, source in (("text_encoder", state), ("frozen_text_encoder", tensors)):

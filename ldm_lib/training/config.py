@@ -58,6 +58,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile the trained module (UNet, + text encoder when trained)
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager to debug)
+    fused_groupnorm_silu: bool = False  # SiLU(GroupNorm) of the trained UNet/VAE by one Triton kernel
+    #                                     (kernels.groupnorm_silu): CUDA, or CPU with TRITON_INTERPRET=1
 
 
 @dataclass
@@ -294,8 +296,8 @@ def apply_overrides(mapping: dict[str, Any], overrides: list[str]) -> dict[str, 
 
 def config_from_dict(mapping: dict[str, Any], check_paths: bool = True) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a nested dict (missing keys keep their defaults).
-    ``check_paths=False`` skips the checks that look at the file system (for a config recorded in a
-    model file, whose relative paths may point elsewhere)."""
+    ``check_paths=False`` skips the checks that look at the file system and the machine (for a config
+    recorded in a model file, whose relative paths may point elsewhere and whose device may be absent)."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(mapping).__name__}")
     config = _build(TrainConfig, mapping, "")
@@ -370,6 +372,13 @@ def validate(c: TrainConfig, check_paths: bool = True) -> None:
     _check(check_choice, "model.text_encoder_layer", m.text_encoder_layer, TEXT_ENCODER_LAYERS)
     _check(check_choice, "model.vae_dtype", m.vae_dtype, ("float32", "bfloat16", "float16"))
     _check(check_choice, "model.attention_backend", m.attention_backend, ("auto", *backend_names()))
+    if "fused_groupnorm_silu" in m.unet_overrides:
+        raise ConfigError(
+            "model.unet_overrides.fused_groupnorm_silu: set model.fused_groupnorm_silu instead (checked "
+            "against the device, and applied to the trained network of either stage)"
+        )
+    if m.fused_groupnorm_silu and check_paths:
+        _check_fused_groupnorm_silu(c)
 
     d = c.diffusion
     _check(check_choice, "diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES)
@@ -467,6 +476,23 @@ def validate(c: TrainConfig, check_paths: bool = True) -> None:
         )
     if c.stage == "ldm":
         _warn_combinations(c)
+
+
+def _check_fused_groupnorm_silu(c: TrainConfig) -> None:
+    """``model.fused_groupnorm_silu: true`` needs the Triton kernel to run on the configured device:
+    refuse it now, not at the first forward."""
+    import torch
+
+    from ..kernels.groupnorm_silu import fused_unavailable_reason  # does not import triton
+
+    device = c.device
+    if device == "auto":  # as the trainer resolves it
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = fused_unavailable_reason(device)
+    if reason is not None:
+        raise ConfigError(
+            f"model.fused_groupnorm_silu=true cannot run with device={c.device!r} (here: {device}): {reason}"
+        )
 
 
 def _warn_combinations(c: TrainConfig) -> None:

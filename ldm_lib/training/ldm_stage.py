@@ -54,7 +54,7 @@ class LDMTrainer(Trainer):
     def build(self) -> None:
         c, m = self.config, self.config.model
         self.schedule = build_schedule(c)
-        self.vae = load_frozen_vae(m.vae, "auto").to(self.device, DTYPES[m.vae_dtype])
+        self.vae = load_frozen_vae(m.vae, "auto", m.fused_groupnorm_silu).to(self.device, DTYPES[m.vae_dtype])
         self.tokenizer, self.text_encoder = load_text_models(c)
         self.unet = build_unet(c)
         width = self.text_encoder.config.hidden_size

@@ -47,8 +47,17 @@ from .metrics import MetricsLog
 from .sampler import EpochItems, StepSampler, micro_slice
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Keys that may change when a run is resumed; anything else would not continue the same run.
-RESUMABLE_CHANGES = ("output_dir", "resume", "num_workers", "device", "optim.max_steps", "logging.")
+# Keys that may change when a run is resumed (where the run writes, how long, how it logs, and
+# switches of how, not what, is computed); anything else would not continue the same run.
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "resume",
+    "num_workers",
+    "device",
+    "optim.max_steps",
+    "logging.",
+    "model.fused_groupnorm_silu",
+)
 
 
 class NonFiniteLossError(RuntimeError):
