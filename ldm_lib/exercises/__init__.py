@@ -8,7 +8,15 @@ In a notebook::
 """
 
 # Importing a module registers its exercises.
-from . import autoencoder, basics, text_conditioning, training, unet  # noqa: F401
+from . import (  # noqa: F401
+    autoencoder,
+    basics,
+    kernels,
+    sampling,
+    text_conditioning,
+    training,
+    unet,
+)
 from .checker import EXERCISES, ExerciseFailure, check, report
 
 __all__ = ["EXERCISES", "ExerciseFailure", "check", "report"]

@@ -14,6 +14,9 @@ All backends compute this same function on tensors shaped ``(B, heads, N, d)`` (
   (FlashAttention, memory-efficient, or math) for the device and dtype.
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (Rabe & Staats 2021, arXiv 2112.05682),
   only when xformers is installed and the tensors are on CUDA.
+- ``"triton"``: the course's own flash-attention kernel, :mod:`ldm_lib.kernels.flash_attention`
+  (Dao 2023, arXiv 2307.08691): on CUDA, or on the CPU in Triton's interpreter when
+  ``TRITON_INTERPRET=1`` was set before triton was imported (slow: for teaching and tests).
 
 ``backend="auto"`` takes xformers where it can run and sdpa otherwise. A backend asked for by name
 that cannot run here is a ``ValueError`` that says why and which backends can. A new backend (a
@@ -180,12 +183,10 @@ def _xformers_import_error() -> str | None:
 
 
 def _xformers_unavailable(device: torch.device) -> str | None:
-    error = _xformers_import_error()
-    if error is not None:
-        return error
+    # The device first: importing xformers beside a CPU torch prints a long warning, for nothing.
     if device.type != "cuda":
         return f"xformers' memory-efficient attention runs only on CUDA tensors, and these are on {device}"
-    return None
+    return _xformers_import_error()
 
 
 def _xformers_attention(q, k, v, mask, scale):
@@ -208,9 +209,24 @@ def _xformers_attention(q, k, v, mask, scale):
     return out.transpose(1, 2)
 
 
+def _triton_unavailable(device: torch.device) -> str | None:
+    # The kernels' module imports triton only when a kernel first runs: importing ldm_lib must not
+    # import triton (on a CPU, triton must be imported only after TRITON_INTERPRET=1 is set).
+    from ..kernels.flash_attention import unavailable_reason
+
+    return unavailable_reason(device)
+
+
+def _triton_attention(q, k, v, mask, scale):
+    from ..kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, mask, scale)
+
+
 register_backend("math", _math_attention)
 register_backend("sdpa", _sdpa_attention)
 register_backend("xformers", _xformers_attention, _xformers_unavailable)
+register_backend("triton", _triton_attention, _triton_unavailable)
 
 
 # ----------------------------------------------------------------------------------------- the layer

@@ -54,7 +54,7 @@ class ModelConfig:
     train_text_encoder: bool = False  # False: frozen
     cache_text_embeddings: bool = True  # frozen encoder: encode each distinct caption once (few captions)
     vae_dtype: str = "float32"  # the frozen VAE's dtype when encoding pixels: float32 | bfloat16 | float16
-    attention_backend: str = "auto"  # math | sdpa | xformers | auto
+    attention_backend: str = "auto"  # math | sdpa | xformers | triton | auto
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile the trained module (UNet, + text encoder when trained)
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager to debug)
