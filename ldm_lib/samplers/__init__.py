@@ -37,6 +37,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 
 STOCHASTIC = ("ddpm", "euler_ancestral")  # fresh noise at every step; ddim too when eta > 0
 WITH_ETA = ("ddim", "euler_ancestral")  # the samplers whose amount of fresh noise is an option
+# Network calls per step; Heun's last step (to sigma = 0) needs no correction: N steps cost 2N - 1.
 MODEL_CALLS_PER_STEP = {name: 2 if name == "heun" else 1 for name in SAMPLERS}
 
 
