@@ -11,6 +11,7 @@ In a notebook::
 from . import (  # noqa: F401
     autoencoder,
     basics,
+    cfg_experiments,
     kernels,
     sampling,
     text_conditioning,
