@@ -14,6 +14,7 @@ from . import (  # noqa: F401
     cfg_experiments,
     kernels,
     sampling,
+    scaling,
     text_conditioning,
     training,
     unet,
