@@ -16,10 +16,10 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_fresh_process import rerun_with_interpreter
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -359,24 +359,7 @@ def test_registration_is_lazy_and_unavailability_says_why():
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")
 def test_kernel_checks_in_a_fresh_process():
-    if os.environ.get(FRESH):
-        assert REASON is None, f"the fresh process cannot run the kernels either: {REASON}"
-        pytest.skip("this is the fresh process")
-    if REASON is None:
-        pytest.skip("the kernel tests ran in this process")
-    if CUDA:
-        pytest.fail(f"the triton backend cannot run on this CUDA machine: {REASON}")
-    env = {**os.environ, FRESH: "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-3000:]
+    rerun_with_interpreter(__file__, FRESH, REASON, CUDA)
 
 
 # ------------------------------------------------------------------------------------- CUDA only

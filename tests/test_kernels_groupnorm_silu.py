@@ -16,7 +16,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -28,6 +27,7 @@ if not CUDA and "triton" not in sys.modules:
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from triton_fresh_process import rerun_with_interpreter  # noqa: E402
 
 import ldm_lib.kernels.groupnorm_silu as gns  # noqa: E402
 from ldm_lib.kernels.groupnorm_silu import GroupNormSiLU, group_norm_silu  # noqa: E402
@@ -345,24 +345,7 @@ def test_training_config_with_the_switch_validates_where_the_kernel_runs(tmp_pat
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")
 def test_kernel_checks_in_a_fresh_process():
-    if os.environ.get(FRESH):
-        assert REASON is None, f"the fresh process cannot run the kernels either: {REASON}"
-        pytest.skip("this is the fresh process")
-    if REASON is None:
-        pytest.skip("the kernel tests ran in this process")
-    if CUDA:
-        pytest.fail(f"the fused kernel cannot run on this CUDA machine: {REASON}")
-    env = {**os.environ, FRESH: "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-3000:]
+    rerun_with_interpreter(__file__, FRESH, REASON, CUDA)
 
 
 @pytest.mark.skipif(not CUDA or REASON is not None, reason="needs a CUDA GPU")
