@@ -24,6 +24,7 @@ MODELS = (
     "shapes_ldm_eps_offset",
     "shapes_ldm_eps_minsnr",
     "shapes_ldm_v_ztsnr",
+    "shapes_ldm_eps_ip",
 )
 SCALES = (1.0, 3.0, 5.0, 7.5)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the course's tiny models from scratch on a CPU and copy them into models/.
 # Two runs at a time, one thread each (on 2 cores that is faster than one run on 2 threads).
-#   bash scripts/train_course_models.sh            # everything: text encoder, VAE, five LDMs
+#   bash scripts/train_course_models.sh            # everything: text encoder, VAE, six LDMs
 #   bash scripts/train_course_models.sh ldm        # only the LDMs (models/course_vae must exist)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ train() {  # train one LDM config, then copy its model next to the others
   echo "$name: $(tail -n 1 "runs/$name/metrics.jsonl")"
 }
 mkdir -p runs
-for pair in "shapes_ldm_eps shapes_ldm_v" "shapes_ldm_eps_offset shapes_ldm_eps_minsnr" "shapes_ldm_v_ztsnr"; do
+for pair in "shapes_ldm_eps shapes_ldm_v" "shapes_ldm_eps_offset shapes_ldm_eps_minsnr" "shapes_ldm_v_ztsnr shapes_ldm_eps_ip"; do
   pids=()
   for name in $pair; do train "$name" & pids+=($!); done
   for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run stops the script (set -e)

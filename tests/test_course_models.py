@@ -21,6 +21,7 @@ LDM_NAMES = (
     "shapes_ldm_eps_offset",
     "shapes_ldm_eps_minsnr",
     "shapes_ldm_v_ztsnr",
+    "shapes_ldm_eps_ip",
 )
 # Set on the command line by scripts/train_course_models.sh; they change no weight.
 COMMAND_LINE = {("logging", "progress")}

@@ -13,6 +13,7 @@ from . import (  # noqa: F401
     basics,
     cfg_experiments,
     kernels,
+    noise_experiments,
     sampling,
     scaling,
     text_conditioning,
