@@ -28,10 +28,11 @@ def _png(data: bytes) -> Image.Image:
     return image
 
 
-def test_committed_models_lists_the_five_with_eps_first():
+def test_committed_models_lists_every_model_with_eps_first():
     models = lw.committed_models()
     assert list(models)[0] == "shapes_ldm_eps"
-    assert set(models) == {f"shapes_ldm_{n}" for n in ("eps", "v", "eps_offset", "eps_minsnr", "v_ztsnr")}
+    variants = ("eps", "v", "eps_offset", "eps_minsnr", "v_ztsnr", "eps_ip")
+    assert set(models) == {f"shapes_ldm_{n}" for n in variants}
     assert all(p.is_file() and p.suffix == ".safetensors" for p in models.values())
 
 
