@@ -27,8 +27,6 @@ import torch
 
 from .checker import Case, Exercise, register
 
-LUMA = (0.299, 0.587, 0.114)
-
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -44,7 +42,9 @@ def _background_luma(images: torch.Tensor, border: int) -> torch.Tensor:
 
 
 def _luma(rgb: torch.Tensor) -> torch.Tensor:
-    return sum(w * rgb[:, i] for i, w in enumerate(LUMA))
+    from ..eval.brightness import LUMA_WEIGHTS  # deferred: exercise modules import torch only
+
+    return sum(w * rgb[:, i] for i, w in enumerate(LUMA_WEIGHTS))
 
 
 def _ring(y: torch.Tensor, border: int) -> torch.Tensor:
